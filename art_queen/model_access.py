@@ -152,6 +152,14 @@ class ModelView:
         """Remove the capture hook from the model."""
         self._hook.remove()
 
+    # The capture hook lives in the model's hook table, so copies and pickles of the model (shadows, ART's
+    # clone_for_refitting, joblib workers) carry it along: copies share this view, pickles get an inert stand-in.
+    def __deepcopy__(self, memo: dict) -> ModelView:
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (_DetachedView, ())
+
     # ------------------------------------------------------------------------------------------------------ inputs
     def model_inputs(self, x: np.ndarray) -> torch.Tensor:
         """
@@ -238,3 +246,10 @@ class ModelView:
                 return self.head(features)
         finally:
             self._capture.buffer = slot
+
+
+class _DetachedView:
+    """Stand-in for a :class:`ModelView` in an unpickled model: its capture hook does nothing."""
+
+    def _capture_hook(self, module: Any, inputs: tuple, output: Any) -> None:
+        return None
