@@ -593,8 +593,9 @@ class Queen(InputAwarePostprocessor):
     @classmethod
     def load(cls, path: str, classifier: Any = None) -> Queen:
         """
-        Load a QUEEN saved with :meth:`save`. The file holds no code; the protected model comes from ``classifier``
-        (bound if it lists a QUEEN placeholder, else attached), or from a later :meth:`bind`.
+        Load a QUEEN saved with :meth:`save`. The file holds tensors and plain data, no code: the shadow models are
+        rebuilt from the protected model's architecture (or ``shadow_factory``) when the model becomes known, through
+        ``classifier`` here or a later :meth:`bind`/:meth:`attach`.
 
         :param path: File written by :meth:`save`.
         :param classifier: Optional classifier (or ``torch.nn.Module``) to attach.
