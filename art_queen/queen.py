@@ -103,7 +103,7 @@ class Queen(InputAwarePostprocessor):
         beta: float = 1.0,
         embedding_dim: int = 2,
         mapping_layers: int = 4,
-        step_down: int = 4,
+        step_down: int = 2,
         mapping_epochs: int = 40,
         temperature: float = 0.1,
         shadow_epochs: int = 1,
