@@ -34,8 +34,9 @@ import logging
 import os
 import pickle
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -395,11 +396,11 @@ def _open_maybe_gzip(path: str) -> BinaryIO:
     return gzip.open(path, "rb") if gzipped else open(path, "rb")  # type: ignore[return-value]
 
 
-def _read_exactly(handle: BinaryIO, expected: int) -> bytes:
-    """Read ``expected`` bytes and at most one more (to detect trailing data), never allocating beyond the data."""
+def _read_up_to(handle: BinaryIO, size: int) -> bytes:
+    """Read ``size`` bytes, or fewer at the end of the file, in chunks: nothing is allocated beyond the data read."""
     chunks, total = [], 0
-    while total <= expected:
-        chunk = handle.read(min(_READ_CHUNK, expected + 1 - total))
+    while total < size:
+        chunk = handle.read(min(_READ_CHUNK, size - total))
         if not chunk:
             break
         chunks.append(chunk)
@@ -416,21 +417,21 @@ def _read_idx(path: str, magic: int, item_shape: tuple[int, ...]) -> np.ndarray:
     )
     try:
         with _open_maybe_gzip(path) as handle:
-            header = _read_exactly(handle, 4)
+            header = _read_up_to(handle, 4)
             if len(header) < 4:
                 raise DatasetFormatError(f"{path} is too short for {expected_format}.")
-            found = int.from_bytes(header[:4], "big")
+            found = int.from_bytes(header, "big")
             if found != magic:
                 raise DatasetFormatError(f"{path} has magic number 0x{found:08x}; expected {expected_format}.")
             ndim = len(item_shape) + 1
-            dims_raw = _read_exactly(handle, 4 * ndim)
+            dims_raw = _read_up_to(handle, 4 * ndim)
             if len(dims_raw) < 4 * ndim:
                 raise DatasetFormatError(f"{path} ends inside its header; expected {expected_format}.")
-            dims = tuple(int(size) for size in np.frombuffer(dims_raw[: 4 * ndim], dtype=">u4"))
+            dims = tuple(int(size) for size in np.frombuffer(dims_raw, dtype=">u4"))
             if dims[1:] != tuple(item_shape):
                 raise DatasetFormatError(f"{path} has dimensions {dims}; expected {expected_format}.")
             expected = int(np.prod(dims, dtype=np.int64))
-            payload = _read_exactly(handle, expected)
+            payload = _read_up_to(handle, expected + 1)  # one more byte reveals trailing data
     except (OSError, EOFError, zlib.error) as exc:
         if isinstance(exc, FileNotFoundError):
             raise DatasetFileNotFoundError(f"IDX file {path} is missing.") from exc
@@ -473,6 +474,10 @@ def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     return text.encode("latin-1")
 
 
+def _constant(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
 _RECONSTRUCT = _numpy_attribute(("numpy._core.multiarray", "numpy.core.multiarray"), "_reconstruct")
 _FROMBUFFER = _numpy_attribute(("numpy._core.numeric", "numpy.core.numeric"), "_frombuffer")
 _SAFE_BUILTINS = {
@@ -494,13 +499,13 @@ _SAFE_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
     ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-    ("_codecs", "encode"): lambda: _latin1_encode,
+    ("numpy", "ndarray"): _constant(np.ndarray),
+    ("numpy", "dtype"): _constant(np.dtype),
+    ("_codecs", "encode"): _constant(_latin1_encode),
 }
 for _module in ("builtins", "__builtin__"):
     for _name, _value in _SAFE_BUILTINS.items():
-        _SAFE_GLOBALS[(_module, _name)] = lambda value=_value: value
+        _SAFE_GLOBALS[(_module, _name)] = _constant(_value)
 del _module, _name, _value
 
 
@@ -515,8 +520,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         resolve = _SAFE_GLOBALS.get((module, name))
         if resolve is None:
             raise UnsafePickleError(
-                f"Refusing to load {self._path}: the pickle asks for {module}.{name}, which is not a plain container or "
-                "a numpy array. A CIFAR-10 batch holds only a dict of bytes, lists and numpy arrays; loading other "
+                f"Refusing to load {self._path}: the pickle asks for {module}.{name}, which is not a plain container "
+                "or a numpy array. A CIFAR-10 batch holds only a dict of bytes, lists and numpy arrays; loading other "
                 "globals from a pickle can run arbitrary code."
             )
         return resolve()
@@ -551,7 +556,9 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         label_array = np.asarray(labels)
     except Exception as exc:  # ragged or odd label containers
-        raise DatasetFormatError(f"{path} has b'labels' that are not a list of ints; expected {expected_format}.") from exc
+        raise DatasetFormatError(
+            f"{path} has b'labels' that are not a list of ints; expected {expected_format}."
+        ) from exc
     if label_array.ndim != 1 or not np.issubdtype(label_array.dtype, np.integer):
         raise DatasetFormatError(f"{path} has b'labels' that are not a list of ints; expected {expected_format}.")
     if len(label_array) != len(data):
