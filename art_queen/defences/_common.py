@@ -61,7 +61,9 @@ def check_inputs(x: Any, nb_rows: int) -> np.ndarray:
     if array.dtype.kind != "f":
         raise ValueError(f"The inputs must be a floating-point array, not an array of dtype {array.dtype}.")
     if array.ndim < 2:
-        raise ValueError(f"The inputs must have a batch dimension and at least one feature, but their shape is {array.shape}.")
+        raise ValueError(
+            f"The inputs must have a batch dimension and at least one feature, but their shape is {array.shape}."
+        )
     if array.shape[0] == 0:
         raise ValueError("The batch of inputs is empty; a defence needs at least one query.")
     if array.shape[0] != nb_rows:
@@ -98,7 +100,9 @@ def check_labels(y: Any, nb_rows: int, nb_classes: int) -> np.ndarray:
         elif array.dtype.kind not in "iu":
             raise ValueError(f"Label indices must be integers, not values of dtype {array.dtype}.")
     else:
-        raise ValueError(f"The labels must be indices of shape (n,) or one-hot rows of shape (n, C), not {array.shape}.")
+        raise ValueError(
+            f"The labels must be indices of shape (n,) or one-hot rows of shape (n, C), not {array.shape}."
+        )
     if array.shape[0] != nb_rows:
         raise ValueError(f"There are {array.shape[0]} labels for {nb_rows} inputs; give one label per input.")
     array = array.astype(np.int64)
@@ -150,9 +154,9 @@ def outputs_are_probabilities(outputs: torch.Tensor) -> bool:
     :param outputs: Model outputs of shape `(n, C)`.
     :return: `True` for probability rows.
     """
-    from art_queen.model_access import PROBABILITY_TOLERANCE
-
     import torch
+
+    from art_queen.model_access import PROBABILITY_TOLERANCE
 
     return bool(
         outputs.numel()

@@ -34,6 +34,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
+#: Misinformation weights below this change no float32 answer; such rows skip the misinformation model.
+_NEGLIGIBLE_WEIGHT = 1e-9
+
 
 class AdaptiveMisinformation(InputAwarePostprocessor):
     """
@@ -187,6 +190,13 @@ class AdaptiveMisinformation(InputAwarePostprocessor):
         """
         return expit(-float(self.nu) * (np.asarray(msp, dtype=np.float64) - float(self.tau)))
 
+    def _require_fitted(self) -> torch.nn.Module:
+        if self.misinformation_model_ is None:
+            raise DefenceNotFittedError(
+                "AdaptiveMisinformation is not fitted: call `fit(x_train, y_train)` after binding it to the classifier."
+            )
+        return self.misinformation_model_
+
     def misinformation_probabilities(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """
         Probability rows of the misinformation model for the inputs ``x``.
@@ -198,12 +208,8 @@ class AdaptiveMisinformation(InputAwarePostprocessor):
         """
         import torch
 
-        if self.misinformation_model_ is None:
-            raise DefenceNotFittedError(
-                "AdaptiveMisinformation is not fitted: call `fit(x_train, y_train)` after binding it to the classifier."
-            )
-        inputs = self._view.model_inputs(x)
-        model = self.misinformation_model_
+        model = self._require_fitted()
+        inputs = self._view.model_inputs(check_inputs(x, len(x)))
         chunks = []
         with torch.no_grad():
             for start in range(0, inputs.shape[0], batch_size):
@@ -224,17 +230,23 @@ class AdaptiveMisinformation(InputAwarePostprocessor):
         :raises DefenceNotFittedError: If :meth:`fit` has not run.
         :raises ValueError: On empty, non-finite or mismatched ``x`` and ``preds``.
         """
+        self._require_fitted()
         values = check_predictions(preds)
         inputs = check_inputs(x, values.shape[0])
         victim = to_probabilities(values).astype(np.float64)
-        misinformation = self.misinformation_probabilities(inputs)
-        if misinformation.shape != victim.shape:
-            raise ValueError(
-                f"The misinformation model answers {misinformation.shape[1]} classes but the predictions have "
-                f"{victim.shape[1]}."
-            )
-        alpha = self.misinformation_weight(victim.max(axis=1))[:, None]
-        answers = (1.0 - alpha) * victim + alpha * misinformation
+        alpha = self.misinformation_weight(victim.max(axis=1))
+        answers = victim.copy()
+        # Rows whose weight is below float32 resolution keep the victim's answer: no misinformation pass needed.
+        mixed = np.flatnonzero(alpha > _NEGLIGIBLE_WEIGHT)
+        if mixed.size:
+            misinformation = self.misinformation_probabilities(inputs[mixed])
+            if misinformation.shape[1] != victim.shape[1]:
+                raise ValueError(
+                    f"The misinformation model answers {misinformation.shape[1]} classes but the predictions have "
+                    f"{victim.shape[1]}."
+                )
+            weight = alpha[mixed, None]
+            answers[mixed] = (1.0 - weight) * victim[mixed] + weight * misinformation
         answers /= answers.sum(axis=1, keepdims=True)
         return answers.astype(ART_NUMPY_DTYPE)
 
@@ -260,7 +272,9 @@ def _check_training_params(nb_epochs: Any, batch_size: Any, learning_rate: Any) 
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"The parameter `{name}` must be a positive integer, but it is {value!r}.")
     if not _is_real(learning_rate) or not np.isfinite(learning_rate) or learning_rate <= 0:
-        raise ValueError(f"The parameter `learning_rate` must be a positive finite number, but it is {learning_rate!r}.")
+        raise ValueError(
+            f"The parameter `learning_rate` must be a positive finite number, but it is {learning_rate!r}."
+        )
 
 
 def _avoid_true_class_loss(outputs: torch.Tensor, labels: torch.Tensor, are_probabilities: bool) -> torch.Tensor:
@@ -276,9 +290,8 @@ def _avoid_true_class_loss(outputs: torch.Tensor, labels: torch.Tensor, are_prob
     """
     import torch
 
-    rows = torch.arange(outputs.shape[0], device=outputs.device)
+    true_class = torch.nn.functional.one_hot(labels, num_classes=outputs.shape[1]).bool()
     if are_probabilities:
-        return -torch.log((1.0 - outputs[rows, labels]).clamp_min(1e-12)).mean()
-    others = outputs.clone()
-    others[rows, labels] = float("-inf")
+        return -torch.log((1.0 - outputs[true_class]).clamp_min(1e-12)).mean()
+    others = outputs.masked_fill(true_class, float("-inf"))
     return -(torch.logsumexp(others, dim=1) - torch.logsumexp(outputs, dim=1)).mean()
