@@ -121,7 +121,10 @@ def test_batch_decisions_equal_one_query_at_a_time():
     batch_cases = decide_cases(batch_state, points, classes, centres, radii, 0.2, 1.0)
     single_state = QueryState(3, 0.1, 2)
     single_cases = np.concatenate(
-        [decide_cases(single_state, points[i : i + 1], classes[i : i + 1], centres, radii, 0.2, 1.0) for i in range(600)]
+        [
+            decide_cases(single_state, points[i : i + 1], classes[i : i + 1], centres, radii, 0.2, 1.0)
+            for i in range(600)
+        ]
     )
     assert np.array_equal(batch_cases, single_cases)
     assert set(batch_cases.tolist()) == {1, 2, 3, 4}

@@ -225,8 +225,9 @@ def thief():
 @pytest.mark.parametrize("use_probability", [True, False])
 def test_copycat_cnn_queries_all_reach_queen_and_the_clone_learns_less(fresh, digits, use_probability):
     queen, victim = fresh
-    attack = CopycatCNN(victim, batch_size_fit=64, batch_size_query=64, nb_epochs=10, nb_stolen=600,
-                        use_probability=use_probability)
+    attack = CopycatCNN(
+        victim, batch_size_fit=64, batch_size_query=64, nb_epochs=10, nb_stolen=600, use_probability=use_probability
+    )
     np.random.seed(0)
     clone = attack.extract(digits["x_pool"], thieved_classifier=thief())
     assert count_queries(queen) == 600
@@ -237,13 +238,27 @@ def test_copycat_cnn_queries_all_reach_queen_and_the_clone_learns_less(fresh, di
 def test_knockoff_random_and_adaptive_query_counts(fresh, digits):
     queen, victim = fresh
     np.random.seed(0)
-    attack = KnockoffNets(victim, batch_size_fit=64, batch_size_query=64, nb_epochs=2, nb_stolen=300,
-                          sampling_strategy="random", use_probability=True)
+    attack = KnockoffNets(
+        victim,
+        batch_size_fit=64,
+        batch_size_query=64,
+        nb_epochs=2,
+        nb_stolen=300,
+        sampling_strategy="random",
+        use_probability=True,
+    )
     attack.extract(digits["x_pool"], thieved_classifier=thief())
     assert count_queries(queen) == 300
     queen.reset()
-    attack = KnockoffNets(victim, batch_size_fit=16, batch_size_query=1, nb_epochs=1, nb_stolen=60,
-                          sampling_strategy="adaptive", reward="all")
+    attack = KnockoffNets(
+        victim,
+        batch_size_fit=16,
+        batch_size_query=1,
+        nb_epochs=1,
+        nb_stolen=60,
+        sampling_strategy="adaptive",
+        reward="all",
+    )
     y_pool = np.eye(10, dtype=np.float32)[digits["y_pool"]]
     attack.extract(digits["x_pool"], y_pool, thieved_classifier=thief())
     assert count_queries(queen) == 60
@@ -251,8 +266,9 @@ def test_knockoff_random_and_adaptive_query_counts(fresh, digits):
 
 def test_explicit_classifier_subclass_feeds_queen_and_clones_without_it(digits, digits_model):
     queen = Queen(**SETTINGS)
-    victim = make_classifier(copy.deepcopy(digits_model), postprocessing_defences=[queen],
-                             classifier_class=InputAwarePyTorchClassifier)
+    victim = make_classifier(
+        copy.deepcopy(digits_model), postprocessing_defences=[queen], classifier_class=InputAwarePyTorchClassifier
+    )
     queen.fit(digits["x_train"], digits["y_train"])
     answers = victim.predict(attacker_queries(digits, 200))
     assert answers.shape == (200, 10) and queen.stats["queries"] == 200
