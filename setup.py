@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
     # The lower bound keeps a CPU wheel that is already installed; no upper bound is set here, so install torch first
     # (README: pip install torch==2.13.0) or pip may pull a large CUDA build.
     "torch>=2.1",
-    "numpy>=1.24",
+    "numpy>=1.26",
     "scipy>=1.10",
     "scikit-learn>=1.3",
     "tqdm>=4.60",
@@ -58,7 +58,6 @@ setup(
         "Programming Language :: Python :: 3.11",
         "Programming Language :: Python :: 3.12",
         "Programming Language :: Python :: 3.13",
-        "License :: OSI Approved :: MIT License",
         "Topic :: Security",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],

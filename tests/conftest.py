@@ -12,12 +12,20 @@ import pytest
 _ART_HOME = tempfile.mkdtemp(prefix="art_queen_tests_")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# ART decides where ~/.art is when it is first imported: import it with HOME pointing at the temporary folder.
+_SAVED_HOME = os.environ.get("HOME")
+os.environ["HOME"] = _ART_HOME
 try:
     import art.config
 
     art.config.set_data_path(_ART_HOME)
 except ImportError:  # pragma: no cover - torch-free environments without ART
     pass
+finally:
+    if _SAVED_HOME is None:
+        os.environ.pop("HOME", None)
+    else:
+        os.environ["HOME"] = _SAVED_HOME
 
 try:
     import torch
