@@ -412,7 +412,7 @@ def load_or_train_victim(
                 model.eval()
                 logger.info("Loaded the cached victim %s.", path)
                 return Victim(model=model, settings=settings, path=path, from_cache=True)
-            except (RuntimeError, OSError, ValueError, EOFError) as error:  # corrupt or incompatible entry: retrain
+            except Exception as error:  # pylint: disable=broad-except  # corrupt or incompatible entry: retrain
                 logger.warning("Ignoring the unreadable cached victim %s (%s); retraining.", path, error)
     TRAINING_RUNS["count"] += 1
     train_model(
