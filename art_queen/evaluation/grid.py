@@ -652,6 +652,7 @@ def _run_cell(
             "nb_epochs": nb_epochs,
             "batch_size_fit": config.batch_size_fit,
             "batch_size_query": config.batch_size_query,
+            "seed": seed,
             "verbose": False,
         },
     )

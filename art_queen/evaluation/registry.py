@@ -127,6 +127,25 @@ DEFENCES: dict[str, DefenceSpec] = {
         target="art_queen.defences.top_label:TopLabel",
         description="Top-1 label only, one-hot (a correct replacement of ART's ClassLabels).",
     ),
+    "SoftmaxFlattening": DefenceSpec(
+        name="SoftmaxFlattening",
+        target="art_queen.defences.softmax_flattening:SoftmaxFlattening",
+        settings=({"epsilon": 1.0},),
+        description="The QUEEN paper's 'DP' baseline: softmax of epsilon/2 times the probabilities (flattens, top-1 kept).",
+    ),
+    "AdaptiveMisinformation": DefenceSpec(
+        name="AdaptiveMisinformation",
+        target="art_queen.defences.adaptive_misinformation:AdaptiveMisinformation",
+        settings=({"tau": 0.8, "nu": 1000.0},),
+        fit_on_training_data=True,
+        description="Adaptive misinformation (Kariyappa & Qureshi 2020): low-confidence queries get misinformation.",
+    ),
+    "PredictionPoisoning": DefenceSpec(
+        name="PredictionPoisoning",
+        target="art_queen.defences.prediction_poisoning:PredictionPoisoning",
+        settings=({"variant": "mad", "epsilon": 0.5}, {"variant": "mad_argmax", "epsilon": 0.5}),
+        description="Prediction poisoning (Orekondy et al. 2020), MAD and MAD-argmax within an L1 ball of 0.5.",
+    ),
 }
 """Known defences, by name. Each setting of each selected defence is one row of the outputs."""
 
@@ -179,6 +198,86 @@ ATTACKS: dict[str, AttackSpec] = {
             "queries). Its reward normalisation is guarded against a zero variance (see "
             "knockoff_nets_with_safe_rewards)."
         ),
+    ),
+    "RepeatCompare/soft": AttackSpec(
+        name="RepeatCompare",
+        target="art_queen.attacks:RepeatCompare",
+        sampling="repeat",
+        labels="soft",
+        params={"use_probability": True},
+        description="QUEEN-aware: asks uncertain queries twice and drops answers that change (reversed answers are random); probability rows.",
+    ),
+    "RepeatCompare/hard": AttackSpec(
+        name="RepeatCompare",
+        target="art_queen.attacks:RepeatCompare",
+        sampling="repeat",
+        labels="hard",
+        params={"use_probability": False},
+        description="QUEEN-aware: asks uncertain queries twice and drops answers that change (reversed answers are random); top-1 labels.",
+    ),
+    "SparsityFilter/soft": AttackSpec(
+        name="SparsityFilter",
+        target="art_queen.attacks:SparsityFilter",
+        sampling="random",
+        labels="soft",
+        params={"mode": "recover", "use_probability": True},
+        description="QUEEN-aware: flags answers with exact zeros (QUEEN's reversal tell) and recovers their label; probability rows.",
+    ),
+    "SparsityFilter/hard": AttackSpec(
+        name="SparsityFilter",
+        target="art_queen.attacks:SparsityFilter",
+        sampling="random",
+        labels="hard",
+        params={"mode": "recover", "use_probability": False},
+        description="QUEEN-aware: flags answers with exact zeros (QUEEN's reversal tell) and recovers their label; top-1 labels.",
+    ),
+    "CoreAvoidance/soft": AttackSpec(
+        name="CoreAvoidance",
+        target="art_queen.attacks:CoreAvoidance",
+        sampling="core-avoiding",
+        labels="soft",
+        params={"use_probability": True},
+        description="QUEEN-aware: queries off the class cores and near-duplicates, estimated with its own model; probability rows.",
+    ),
+    "CoreAvoidance/hard": AttackSpec(
+        name="CoreAvoidance",
+        target="art_queen.attacks:CoreAvoidance",
+        sampling="core-avoiding",
+        labels="hard",
+        params={"use_probability": False},
+        description="QUEEN-aware: queries off the class cores and near-duplicates, estimated with its own model; top-1 labels.",
+    ),
+    "Recovery/soft": AttackSpec(
+        name="Recovery",
+        target="art_queen.attacks:Recovery",
+        sampling="random",
+        labels="soft",
+        params={"use_probability": True},
+        description="QUEEN-aware: emulates QUEEN on a proxy and learns to map defended answers back to clean ones; probability rows.",
+    ),
+    "Recovery/hard": AttackSpec(
+        name="Recovery",
+        target="art_queen.attacks:Recovery",
+        sampling="random",
+        labels="hard",
+        params={"use_probability": False},
+        description="QUEEN-aware: emulates QUEEN on a proxy and learns to map defended answers back to clean ones; top-1 labels.",
+    ),
+    "Sybil/soft": AttackSpec(
+        name="Sybil",
+        target="art_queen.attacks:Sybil",
+        sampling="sybil",
+        labels="soft",
+        params={"n_clients": 20, "use_probability": True},
+        description="QUEEN-aware: spreads its queries over 20 client ids; probability rows.",
+    ),
+    "Sybil/hard": AttackSpec(
+        name="Sybil",
+        target="art_queen.attacks:Sybil",
+        sampling="sybil",
+        labels="hard",
+        params={"n_clients": 20, "use_probability": False},
+        description="QUEEN-aware: spreads its queries over 20 client ids; top-1 labels.",
     ),
 }
 """Known attack variants, by key ``Name/variant``. Selecting ``Name`` selects all its variants."""
