@@ -270,6 +270,17 @@ class Queen(InputAwarePostprocessor):
         nb_classes = getattr(estimator, "nb_classes", None)
         if nb_classes is not None and nb_classes != self.nb_classes:
             raise ValueError(f"QUEEN was created for {self.nb_classes} classes but the classifier has {nb_classes}.")
+        if getattr(self, "_pending_shadow_states", None) is not None:
+            # A loaded QUEEN: rebuild its shadow models from the saved weights now that the architecture is known.
+            from art_queen.persistence import restore_pending_shadows
+
+            try:
+                restore_pending_shadows(self)
+            except ValueError:
+                self._view.close()
+                self._view = None
+                self._estimator = None
+                raise
 
     @contextlib.contextmanager
     def handover(self, x: np.ndarray, client_id: Any = None) -> Iterator[None]:
@@ -396,6 +407,12 @@ class Queen(InputAwarePostprocessor):
         probabilities = self._probabilities(preds)
         features = self._features_of(x)
         embedding = self._embed_features(features)
+        if not np.all(np.isfinite(embedding)):
+            # Finite but extreme inputs (far outside the model's input range) overflow the features.
+            raise ValueError(
+                "The model's features of some inputs are not finite (inputs far outside the model's input range?); "
+                "refusing to answer them."
+            )
         classes = np.argmax(probabilities, axis=1)
 
         # decision: the only sequential, stateful step
@@ -458,31 +475,91 @@ class Queen(InputAwarePostprocessor):
         """
         Move each feature vector towards the farthest class feature centre in ``perturb_max_steps`` steps and answer
         the head's softmax at the largest step such that every step up to it keeps the top-1 class. Rows for which
-        even the first step changes the top-1 keep their unperturbed answer. All steps of all rows are evaluated in
-        batched head calls.
+        even the first step changes the top-1 keep their unperturbed answer.
+
+        For a linear head ``h(f) = W f + b`` the logits are affine along the path: with ``u = (m - f) / |m - f|``,
+        ``h(f + s u) = h(f) + s (W m - W f) / |m - f|``, and ``W m`` of every class centre is one small product. So
+        every step of every row is decided in the space of logits, without forming the perturbed features: the
+        steps kept are those before the first zero crossing of the top-1 margin (the minimum of affine functions
+        is concave, so the kept steps are a prefix). Rows whose margin is within rounding of zero at a deciding step
+        are checked again by evaluating the head at every step. Other heads are evaluated at all steps of all rows
+        in batched calls.
         """
         import torch
 
         view = self._view
         step = self.perturb_step * self.feature_spread_
         multiples = torch.arange(1, self.perturb_max_steps + 1, dtype=features.dtype, device=features.device) * step
+        nb_steps = multiples.numel()
+        head = view.head
+        centres = self.feature_centres_
+        affine = isinstance(head, torch.nn.Linear) and head.weight.dtype == features.dtype
+        width = max(self.nb_classes, features.shape[1])
+        chunk_rows = max(1, (1 << 22) // width if affine else min(_PERTURB_CHUNK, (1 << 22) // (nb_steps * width)))
         result = probabilities[rows].copy()
-        for start in range(0, rows.size, _PERTURB_CHUNK):
-            chunk = rows[start : start + _PERTURB_CHUNK]
-            index = torch.from_numpy(chunk).to(features.device)
-            feats = features[index]
-            target = torch.from_numpy(classes[chunk]).to(features.device)
-            farthest = torch.cdist(feats, self.feature_centres_).argmax(dim=1)
-            direction = self.feature_centres_[farthest] - feats
-            direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if rows.size == 0 or nb_steps == 0:
+            return result
+        contiguous = bool(np.all(np.diff(rows) == 1))  # read the rows as a slice, without a copy
+
+        def directions(feats: Any, farthest: Any) -> Any:
+            direction = centres[farthest] - feats
+            return direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+        def steps_kept_by_evaluation(feats: Any, direction: Any, target: Any) -> Any:
             candidates = feats[:, None, :] + multiples[None, :, None] * direction[:, None, :]
-            logits = view.head_logits(candidates.reshape(-1, feats.shape[1])).reshape(len(chunk), multiples.numel(), -1)
-            keeps = (logits.argmax(dim=2) == target[:, None]).to(torch.int64).cumprod(dim=1)
-            steps_kept = keeps.sum(dim=1)
-            moved = torch.nonzero(steps_kept > 0).flatten()
-            if moved.numel():
-                chosen = logits[moved, steps_kept[moved] - 1]
-                result[start + moved.cpu().numpy()] = torch.softmax(chosen.double(), dim=1).cpu().numpy()
+            logits = view.head_logits(candidates.reshape(-1, feats.shape[1])).reshape(feats.shape[0], nb_steps, -1)
+            return (logits.argmax(dim=2) == target[:, None]).to(torch.int64).cumprod(dim=1).sum(dim=1)
+
+        with torch.no_grad():
+            if affine:
+                centre_logits = centres @ head.weight.T  # W m for every class centre, (C, C)
+                bias = head.bias if head.bias is not None else torch.zeros_like(centre_logits[0])
+            for start in range(0, rows.size, chunk_rows):
+                chunk = rows[start : start + chunk_rows]
+                if contiguous:
+                    feats = features[int(chunk[0]) : int(chunk[-1]) + 1]
+                else:
+                    feats = features[torch.from_numpy(chunk).to(features.device)]
+                target = torch.from_numpy(classes[chunk]).to(features.device)
+                distances = torch.cdist(feats, centres)
+                farthest = distances.argmax(dim=1)
+                if not affine:
+                    direction = directions(feats, farthest)
+                    steps_kept = steps_kept_by_evaluation(feats, direction, target)
+                    moved = torch.nonzero(steps_kept > 0).flatten()
+                    if moved.numel():
+                        chosen = feats[moved] + multiples[steps_kept[moved] - 1][:, None] * direction[moved]
+                        answers = torch.softmax(view.head_logits(chosen).double(), dim=1)
+                        result[start + moved.cpu().numpy()] = answers.cpu().numpy()
+                    continue
+                weighted = feats @ head.weight.T  # W f
+                base = weighted + bias
+                span = distances.gather(1, farthest[:, None]).clamp_min(1e-12)
+                slope = (centre_logits[farthest] - weighted) / span  # W u
+                # Margin of the target over class j at step s: gap_j + s * rate_j.
+                target_column = target[:, None]
+                gap = (base.gather(1, target_column) - base).scatter(1, target_column, float("inf"))
+                rate = (slope.gather(1, target_column) - slope).scatter(1, target_column, 0.0)
+                crossing = torch.where(rate < 0, gap / -rate, torch.full_like(gap, float("inf"))).amin(dim=1)
+                steps_kept = torch.searchsorted(multiples, crossing.contiguous(), side="left")
+                first_margin = (gap + multiples[0] * rate).amin(dim=1)
+                steps_kept[first_margin <= 0] = 0
+                # Rows whose margin is within rounding of zero at a deciding step are evaluated step by step.
+                tolerance = 1e-4 * (1.0 + base.abs().amax(dim=1) + multiples[-1] * slope.abs().amax(dim=1))
+                unsure = first_margin.abs() <= tolerance
+                for deciding in (steps_kept, steps_kept + 1):
+                    inside = (deciding >= 1) & (deciding <= nb_steps)
+                    at = multiples[(deciding - 1).clamp(0, nb_steps - 1)]
+                    unsure |= inside & ((gap + at[:, None] * rate).amin(dim=1).abs() <= tolerance)
+                unsure = torch.nonzero(unsure).flatten()
+                if unsure.numel():
+                    direction = directions(feats[unsure], farthest[unsure])
+                    steps_kept[unsure] = steps_kept_by_evaluation(feats[unsure], direction, target[unsure])
+                moved = torch.nonzero(steps_kept > 0).flatten()
+                if moved.numel():
+                    logits = base[moved] + multiples[steps_kept[moved] - 1][:, None] * slope[moved]
+                    answers = torch.softmax(logits.double(), dim=1)
+                    result[start + moved.cpu().numpy()] = answers.cpu().numpy()
         return result
 
     # --------------------------------------------------------------------------------------------------- state

@@ -96,28 +96,33 @@ def train_shadow_models(
     return shadows
 
 
-def pirate_estimate(shadows: list[nn.Module], inputs: torch.Tensor, subsets: np.ndarray) -> np.ndarray:
+def pirate_estimate(
+    shadows: list[nn.Module], inputs: torch.Tensor, subsets: np.ndarray, batch_size: int = 512
+) -> np.ndarray:
     """
     ``y_pir`` per row: the mean of the softmax outputs of the shadows in that row's subset.
 
-    Each shadow runs once, on just the rows whose subset contains it, so the cost is ``k`` shadow passes per row.
+    Each shadow runs once over just the rows whose subset contains it (in batches of ``batch_size`` rows, which
+    keeps the activations in cache), so the cost is ``k`` shadow passes per row.
 
     :param shadows: The shadow models.
     :param inputs: Preprocessed inputs of the rows, shape `(m, ...)`.
     :param subsets: Boolean array `(m, n_shadows)`: which shadows each row averages.
+    :param batch_size: Rows per shadow forward call.
     :return: Array of shape `(m, C)`, float64.
     """
     total: torch.Tensor | None = None
     with torch.no_grad():
         for index, shadow in enumerate(shadows):
             rows = np.flatnonzero(subsets[:, index])
-            if rows.size == 0:
-                continue
-            row_index = torch.from_numpy(rows).to(inputs.device)
-            probabilities = torch_to_probabilities(shadow(inputs[row_index])).double()
-            if total is None:
-                total = torch.zeros((inputs.shape[0], probabilities.shape[1]), dtype=torch.float64, device=inputs.device)
-            total.index_add_(0, row_index, probabilities)
+            for start in range(0, rows.size, batch_size):
+                row_index = torch.from_numpy(rows[start : start + batch_size]).to(inputs.device)
+                probabilities = torch_to_probabilities(shadow(inputs[row_index])).double()
+                if total is None:
+                    total = torch.zeros(
+                        (inputs.shape[0], probabilities.shape[1]), dtype=torch.float64, device=inputs.device
+                    )
+                total.index_add_(0, row_index, probabilities)
     if total is None:
         raise ValueError("No shadow model was selected for any row.")
     counts = torch.from_numpy(subsets.sum(axis=1, keepdims=True).astype(np.float64)).to(total.device)
