@@ -83,7 +83,9 @@ def gradient_reverse_target(victim_probs: np.ndarray, pirate_probs: np.ndarray) 
     :param pirate_probs: Shadow estimate ``y_pir`` of the pirate's output, shape `(n, C)`.
     :return: Reversed probability rows, shape `(n, C)`.
     """
-    return project_to_simplex_max_cosine(2.0 * np.asarray(pirate_probs, np.float64) - np.asarray(victim_probs, np.float64))
+    return project_to_simplex_max_cosine(
+        2.0 * np.asarray(pirate_probs, np.float64) - np.asarray(victim_probs, np.float64)
+    )
 
 
 def expected_sqs_squared(alpha: float, samples: int = 4096) -> float:

@@ -148,6 +148,7 @@ def train_mapping_network(
     network.eval()
     with torch.no_grad():
         first = network.layers[0]
+        assert isinstance(first, nn.Linear)
         first.bias.sub_((first.weight / std[None, :]) @ mean)
         first.weight.div_(std[None, :])
     logger.info("Mapping network trained: widths %s, final loss %.4f.", widths, total / max(n, 1))

@@ -133,7 +133,7 @@ class ModelView:
             self.estimator = None
             self.model = estimator
             self.device = next((p.device for p in estimator.parameters()), torch.device("cpu"))
-        elif hasattr(estimator, "model") and isinstance(getattr(estimator, "model"), torch.nn.Module):
+        elif hasattr(estimator, "model") and isinstance(estimator.model, torch.nn.Module):
             self.estimator = estimator
             self.model = estimator.model
             self.device = getattr(estimator, "_device", None) or next(

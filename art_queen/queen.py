@@ -179,11 +179,11 @@ class Queen(InputAwarePostprocessor):
         self.last_cases: np.ndarray | None = None
         # Fitted parts.
         self.mapping_network_: Any = None
-        self.embedding_scale_: float | None = None
-        self.class_centres_: np.ndarray | None = None
-        self.class_mean_radius_: np.ndarray | None = None
+        self.embedding_scale_: Any = None
+        self.class_centres_: Any = None
+        self.class_mean_radius_: Any = None
         self.feature_centres_: Any = None
-        self.feature_spread_: float | None = None
+        self.feature_spread_: Any = None
         self.shadows_: list[Any] = []
 
     # ------------------------------------------------------------------------------------------------- parameters
@@ -339,9 +339,7 @@ class Queen(InputAwarePostprocessor):
         with torch.no_grad():
             raw = network(features).double().cpu().numpy()
         centres = np.stack([raw[labels == c].mean(axis=0) for c in range(self.nb_classes)])
-        radii = np.array(
-            [np.linalg.norm(raw[labels == c] - centres[c], axis=1).mean() for c in range(self.nb_classes)]
-        )
+        radii = np.array([np.linalg.norm(raw[labels == c] - centres[c], axis=1).mean() for c in range(self.nb_classes)])
         scale = float(radii.mean())
         if not np.isfinite(scale) or scale <= 0:
             raise ValueError("The mapping network collapsed all training features to one point; check the features.")
@@ -442,7 +440,7 @@ class Queen(InputAwarePostprocessor):
         return to_probabilities(preds).astype(np.float64)
 
     def _features_of(self, x: np.ndarray) -> torch.Tensor:
-        view = self._view
+        view = self._require_view()
         captured = view.stop_capture()
         if captured is not None and captured.shape[0] == x.shape[0]:
             return captured.float()
@@ -487,11 +485,11 @@ class Queen(InputAwarePostprocessor):
         """
         import torch
 
-        view = self._view
+        view = self._require_view()
         step = self.perturb_step * self.feature_spread_
         multiples = torch.arange(1, self.perturb_max_steps + 1, dtype=features.dtype, device=features.device) * step
         nb_steps = multiples.numel()
-        head = view.head
+        head: Any = view.head
         centres = self.feature_centres_
         affine = isinstance(head, torch.nn.Linear) and head.weight.dtype == features.dtype
         width = max(self.nb_classes, features.shape[1])
@@ -739,7 +737,9 @@ class Queen(InputAwarePostprocessor):
             raise ValueError(f"Inputs must be floating point (float32 expected), got dtype {x.dtype}.")
         expected = getattr(self._estimator, "input_shape", None)
         if expected is not None and tuple(x.shape[1:]) != tuple(expected):
-            raise ValueError(f"Inputs have shape {x.shape[1:]} per sample but the classifier expects {tuple(expected)}.")
+            raise ValueError(
+                f"Inputs have shape {x.shape[1:]} per sample but the classifier expects {tuple(expected)}."
+            )
         if not np.all(np.isfinite(x)):
             raise ValueError("Inputs contain NaN or infinite values.")
         return x.astype(np.float32, copy=False)

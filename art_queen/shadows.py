@@ -39,9 +39,7 @@ def fresh_copy(model: nn.Module) -> nn.Module:
 def _loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     # Models may end in logits or in a softmax; train either with cross-entropy on log-probabilities.
     with torch.no_grad():
-        already_probabilities = bool(
-            torch.all(outputs >= 0) and torch.all((outputs.sum(dim=1) - 1.0).abs() <= 1e-3)
-        )
+        already_probabilities = bool(torch.all(outputs >= 0) and torch.all((outputs.sum(dim=1) - 1.0).abs() <= 1e-3))
     if already_probabilities:
         return nn.functional.nll_loss(torch.log(outputs.clamp_min(1e-12)), labels)
     return nn.functional.cross_entropy(outputs, labels)

@@ -86,6 +86,21 @@ class AttackSpec:
     description: str = ""
 
 
+def _label_variants(name: str, sampling: str, params: Mapping[str, Any], description: str) -> dict[str, AttackSpec]:
+    """The soft- and hard-label variants of one of ``art_queen.attacks``' QUEEN-aware attacks."""
+    return {
+        f"{name}/{labels}": AttackSpec(
+            name=name,
+            target=f"art_queen.attacks:{name}",
+            sampling=sampling,
+            labels=labels,
+            params={**params, "use_probability": labels == "soft"},
+            description=f"QUEEN-aware: {description}; {'probability rows' if labels == 'soft' else 'top-1 labels'}.",
+        )
+        for labels in ("soft", "hard")
+    }
+
+
 DEFENCES: dict[str, DefenceSpec] = {
     NO_DEFENCE: DefenceSpec(
         name=NO_DEFENCE, target=None, description="The undefended victim (softmax probabilities), the reference."
@@ -131,7 +146,7 @@ DEFENCES: dict[str, DefenceSpec] = {
         name="SoftmaxFlattening",
         target="art_queen.defences.softmax_flattening:SoftmaxFlattening",
         settings=({"epsilon": 1.0},),
-        description="The QUEEN paper's 'DP' baseline: softmax of epsilon/2 times the probabilities (flattens, top-1 kept).",
+        description="The QUEEN paper's 'DP' baseline: softmax of epsilon/2 times the probabilities (top-1 kept).",
     ),
     "AdaptiveMisinformation": DefenceSpec(
         name="AdaptiveMisinformation",
@@ -199,86 +214,17 @@ ATTACKS: dict[str, AttackSpec] = {
             "knockoff_nets_with_safe_rewards)."
         ),
     ),
-    "RepeatCompare/soft": AttackSpec(
-        name="RepeatCompare",
-        target="art_queen.attacks:RepeatCompare",
-        sampling="repeat",
-        labels="soft",
-        params={"use_probability": True},
-        description="QUEEN-aware: asks uncertain queries twice and drops answers that change (reversed answers are random); probability rows.",
+    **_label_variants(
+        "RepeatCompare", "repeat", {}, "asks uncertain queries twice, drops answers that change (reversals are random)"
     ),
-    "RepeatCompare/hard": AttackSpec(
-        name="RepeatCompare",
-        target="art_queen.attacks:RepeatCompare",
-        sampling="repeat",
-        labels="hard",
-        params={"use_probability": False},
-        description="QUEEN-aware: asks uncertain queries twice and drops answers that change (reversed answers are random); top-1 labels.",
+    **_label_variants(
+        "SparsityFilter", "random", {"mode": "recover"}, "flags answers with exact zeros (QUEEN's reversal tell)"
     ),
-    "SparsityFilter/soft": AttackSpec(
-        name="SparsityFilter",
-        target="art_queen.attacks:SparsityFilter",
-        sampling="random",
-        labels="soft",
-        params={"mode": "recover", "use_probability": True},
-        description="QUEEN-aware: flags answers with exact zeros (QUEEN's reversal tell) and recovers their label; probability rows.",
+    **_label_variants(
+        "CoreAvoidance", "core-avoiding", {}, "queries off the class cores and near-duplicates, judged by its own model"
     ),
-    "SparsityFilter/hard": AttackSpec(
-        name="SparsityFilter",
-        target="art_queen.attacks:SparsityFilter",
-        sampling="random",
-        labels="hard",
-        params={"mode": "recover", "use_probability": False},
-        description="QUEEN-aware: flags answers with exact zeros (QUEEN's reversal tell) and recovers their label; top-1 labels.",
-    ),
-    "CoreAvoidance/soft": AttackSpec(
-        name="CoreAvoidance",
-        target="art_queen.attacks:CoreAvoidance",
-        sampling="core-avoiding",
-        labels="soft",
-        params={"use_probability": True},
-        description="QUEEN-aware: queries off the class cores and near-duplicates, estimated with its own model; probability rows.",
-    ),
-    "CoreAvoidance/hard": AttackSpec(
-        name="CoreAvoidance",
-        target="art_queen.attacks:CoreAvoidance",
-        sampling="core-avoiding",
-        labels="hard",
-        params={"use_probability": False},
-        description="QUEEN-aware: queries off the class cores and near-duplicates, estimated with its own model; top-1 labels.",
-    ),
-    "Recovery/soft": AttackSpec(
-        name="Recovery",
-        target="art_queen.attacks:Recovery",
-        sampling="random",
-        labels="soft",
-        params={"use_probability": True},
-        description="QUEEN-aware: emulates QUEEN on a proxy and learns to map defended answers back to clean ones; probability rows.",
-    ),
-    "Recovery/hard": AttackSpec(
-        name="Recovery",
-        target="art_queen.attacks:Recovery",
-        sampling="random",
-        labels="hard",
-        params={"use_probability": False},
-        description="QUEEN-aware: emulates QUEEN on a proxy and learns to map defended answers back to clean ones; top-1 labels.",
-    ),
-    "Sybil/soft": AttackSpec(
-        name="Sybil",
-        target="art_queen.attacks:Sybil",
-        sampling="sybil",
-        labels="soft",
-        params={"n_clients": 20, "use_probability": True},
-        description="QUEEN-aware: spreads its queries over 20 client ids; probability rows.",
-    ),
-    "Sybil/hard": AttackSpec(
-        name="Sybil",
-        target="art_queen.attacks:Sybil",
-        sampling="sybil",
-        labels="hard",
-        params={"n_clients": 20, "use_probability": False},
-        description="QUEEN-aware: spreads its queries over 20 client ids; top-1 labels.",
-    ),
+    **_label_variants("Recovery", "random", {}, "emulates QUEEN on a proxy and learns to undo defended answers"),
+    **_label_variants("Sybil", "sybil", {"n_clients": 20}, "spreads its queries over 20 client ids"),
 }
 """Known attack variants, by key ``Name/variant``. Selecting ``Name`` selects all its variants."""
 
