@@ -17,6 +17,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 _LAZY = {
     "Queen": "art_queen.queen",
     "QueenNotFittedError": "art_queen.queen",
+    "TooManyClientsError": "art_queen.queen",
     "InputAwarePostprocessor": "art_queen.input_channel",
     "InputAwarePyTorchClassifier": "art_queen.input_channel",
     "InputsNotAvailableError": "art_queen.input_channel",

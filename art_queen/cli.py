@@ -1,7 +1,7 @@
 """
 The ``art-queen`` command (also ``python -m art_queen``).
 
-``art-queen bench`` runs the evaluation grid (by default: digits, every defence and attack, two budgets, three seeds,
+``art-queen bench`` runs the evaluation grid (by default: digits, every defence and attack, one budget, three seeds,
 offline, in a few minutes on two CPU cores), prints the results table and writes ``results.json``, CSV files and the
 PNG plots into ``--out``. ``art-queen list`` shows the defences and attacks it knows.
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--limit", type=int, metavar="N", help="use a class-stratified subset of N samples")
     bench.add_argument("--defences", nargs="+", metavar="NAME", help="defences to run (default: all; see `list`)")
     bench.add_argument("--attacks", nargs="+", metavar="NAME", help="attacks or attack variants (default: all)")
-    bench.add_argument("--budgets", nargs="+", metavar="N", help="query budgets (default per dataset; digits: 100 500)")
+    bench.add_argument("--budgets", nargs="+", metavar="N", help="query budgets (default per dataset; digits: 500)")
     bench.add_argument("--seeds", nargs="+", metavar="N", help="seeds (default 0 1 2)")
     bench.add_argument(
         "--quick", action="store_true", help="every defence and attack, smallest budget, one seed (for CI)"

@@ -40,6 +40,10 @@ class QueenNotFittedError(NotFittedError):
     """Raised when QUEEN is used before :meth:`Queen.fit`."""
 
 
+class TooManyClientsError(ValueError):
+    """Raised under per-client scope when a new client id would exceed ``max_clients``."""
+
+
 class Queen(InputAwarePostprocessor):
     """
     QUEEN defence against model extraction, as an ART postprocessor.
@@ -82,6 +86,7 @@ class Queen(InputAwarePostprocessor):
         "perturb_max_steps",
         "perturb",
         "scope",
+        "max_clients",
         "seed",
         "verbose",
     ]
@@ -111,6 +116,7 @@ class Queen(InputAwarePostprocessor):
         perturb_max_steps: int = 20,
         perturb: str = "all",
         scope: str = "global",
+        max_clients: int | None = None,
         head: str | Any = None,
         shadow_factory: Callable[[], Any] | None = None,
         seed: int | None = 0,
@@ -140,6 +146,10 @@ class Queen(InputAwarePostprocessor):
         :param perturb: ``"all"`` to perturb every non-reversed answer (the reference behaviour) or ``"none"``.
         :param scope: ``"global"`` (one state shared by all queries, as in the paper) or ``"per_client"`` (one state
                       per client id, passed as ``predict(x, client_id=...)``).
+        :param max_clients: Under per-client scope, the most client states kept (about 9 KB each at the defaults);
+                            queries from a further client id are refused with :class:`TooManyClientsError`. States
+                            are never evicted, since eviction would let a client reset its own record. `None`: no
+                            limit (memory grows with the number of distinct client ids).
         :param head: The head of the protected model (features → logits): a module name, the module, or `None` for
                      the model's last ``nn.Linear``.
         :param shadow_factory: Callable returning a fresh shadow model; `None` for re-initialised copies of the
@@ -167,6 +177,7 @@ class Queen(InputAwarePostprocessor):
         self.perturb_max_steps = perturb_max_steps
         self.perturb = perturb
         self.scope = scope
+        self.max_clients = max_clients
         self.seed = seed
         self.verbose = verbose
         self._check_params()
@@ -225,6 +236,8 @@ class Queen(InputAwarePostprocessor):
             raise ValueError(f"`perturb` must be one of {PERTURB_MODES}, got {self.perturb!r}.")
         if self.scope not in SCOPES:
             raise ValueError(f"`scope` must be one of {SCOPES}, got {self.scope!r}.")
+        if self.max_clients is not None and (not is_int(self.max_clients) or self.max_clients < 1):
+            raise ValueError(f"`max_clients` must be a positive integer or None, got {self.max_clients!r}.")
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             raise ValueError(f"`seed` must be a non-negative integer or None, got {self.seed!r}.")
         if not isinstance(self.verbose, bool):
@@ -417,6 +430,11 @@ class Queen(InputAwarePostprocessor):
         with self._lock:
             state = self._states.get(state_key)
             if state is None:
+                if self.max_clients is not None and len(self._states) >= self.max_clients:
+                    raise TooManyClientsError(
+                        f"QUEEN already keeps the state of max_clients={self.max_clients} clients; refusing the new "
+                        f"client id {client_id!r}."
+                    )
                 state = self._states[state_key] = QueryState(self.nb_classes, float(self.r), self.embedding_dim)
             cases = decide_cases(
                 state, embedding, classes, self.class_centres_, self.sensitive_radii_, self.threshold, self.alpha

@@ -410,7 +410,7 @@ def test_config_validation_messages(tmp_path):
         with pytest.raises(ValueError, match=message):
             BenchmarkConfig(**overrides).resolved()
     resolved = BenchmarkConfig(defences=("Queen",)).resolved()
-    assert resolved.defences == ("NoDefence", "Queen") and resolved.budgets == (100, 500)
+    assert resolved.defences == ("NoDefence", "Queen") and resolved.budgets == (500,)
 
 
 # ---------------------------------------------------------------------------------------------------------- plots

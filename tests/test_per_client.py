@@ -235,3 +235,22 @@ def test_defend_latency_with_a_million_records_stays_flat(protected, digits):
         batch_large / batch_small,
     )
     assert large / small < 1.5  # target about 1; loose bound for shared, noisy CI machines
+
+
+def test_max_clients_refuses_a_new_client_and_keeps_the_known_ones(digits, digits_model):
+    from art_queen import TooManyClientsError
+
+    queen = Queen(nb_classes=10, scope="per_client", max_clients=2, seed=0, mapping_epochs=5)
+    victim = queen.bind(make_classifier(copy.deepcopy(digits_model), postprocessing_defences=[queen]))
+    queen.fit(digits["x_train"], digits["y_train"])
+    queries = digits["x_test"][:20]
+    victim.predict(queries, client_id="alice")
+    victim.predict(queries, client_id="bob")
+    before = queen.stats
+    with pytest.raises(TooManyClientsError, match="max_clients=2"):
+        victim.predict(queries, client_id="mallory")
+    assert queen.stats == before
+    victim.predict(queries, client_id="alice")
+    assert queen.client_stats("alice")["queries"] == 40
+    with pytest.raises(ValueError, match="max_clients"):
+        Queen(nb_classes=10, max_clients=0)
