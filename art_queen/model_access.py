@@ -117,6 +117,42 @@ def module_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module:
     return model if name == "" else model.get_submodule(name)
 
 
+def reinitialised_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """
+    Return a copy of ``model`` with the same architecture and freshly initialised parameters.
+
+    Every sub-module with a ``reset_parameters`` method is reset under the given seed, without touching PyTorch's
+    global random state. Hooks registered on the original (for example the feature capture of a defence) are neither
+    deep-copied nor carried over to the copy.
+
+    :param model: The module to copy.
+    :param seed: Seed of the initialisation.
+    :return: The re-initialised copy, in training mode as the original, on the original's device.
+    """
+    import copy
+
+    import torch
+
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name.endswith("hooks") and isinstance(value, dict):
+                for hook in value.values():
+                    memo[id(hook)] = hook
+    clone = copy.deepcopy(model, memo)
+    for module in clone.modules():
+        for name, value in list(vars(module).items()):
+            if name.endswith("hooks") and isinstance(value, dict):
+                setattr(module, name, type(value)())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in clone.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    return clone
+
+
 class ModelView:
     """
     A defence's view of the protected model: where it runs, how inputs are preprocessed, and how to read its

@@ -193,7 +193,7 @@ def restore_pending_shadows(queen: Queen) -> None:
     """
     import torch
 
-    from art_queen.shadows import fresh_copy
+    from art_queen.model_access import reinitialised_copy
 
     pending = getattr(queen, "_pending_shadow_states", None)
     view = queen._view
@@ -202,7 +202,9 @@ def restore_pending_shadows(queen: Queen) -> None:
     shadows = []
     with torch.random.fork_rng(devices=[]):  # re-initialising the copies must not disturb the global torch RNG
         for index, weights in enumerate(pending):
-            shadow = queen.shadow_factory() if queen.shadow_factory is not None else fresh_copy(view.model)
+            shadow = (
+                queen.shadow_factory() if queen.shadow_factory is not None else reinitialised_copy(view.model, index)
+            )
             try:
                 shadow.load_state_dict(weights, strict=True)
             except (RuntimeError, KeyError, TypeError) as error:

@@ -7,7 +7,6 @@ estimate the pirate's output ``y_pir`` when it builds a gradient-reversed answer
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 
@@ -16,24 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from art_queen.model_access import torch_to_probabilities
+from art_queen.model_access import reinitialised_copy, torch_to_probabilities
 
 logger = logging.getLogger(__name__)
-
-
-def fresh_copy(model: nn.Module) -> nn.Module:
-    """
-    A deep copy of ``model`` with every parameterised layer re-initialised (``reset_parameters``).
-
-    :param model: The template model.
-    :return: The re-initialised copy.
-    """
-    clone = copy.deepcopy(model)
-    for module in clone.modules():
-        reset = getattr(module, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    return clone
 
 
 def _loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -74,7 +58,7 @@ def train_shadow_models(
     for index in tqdm(range(n_shadows), desc="QUEEN shadow models", disable=not verbose, leave=False):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + index)
-            shadow = template() if not isinstance(template, nn.Module) else fresh_copy(template)
+            shadow = template() if not isinstance(template, nn.Module) else reinitialised_copy(template, seed + index)
             shadow = shadow.to(inputs.device)
             optimiser = torch.optim.Adam(shadow.parameters(), lr=learning_rate)
             shadow.train()

@@ -22,10 +22,9 @@ from art_queen.defences._common import (
     check_predictions,
     log_probabilities,
     outputs_are_probabilities,
-    reinitialised_copy,
 )
 from art_queen.input_channel import InputAwarePostprocessor
-from art_queen.model_access import to_probabilities
+from art_queen.model_access import reinitialised_copy, to_probabilities
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
