@@ -124,11 +124,12 @@ def build_model(input_shape: Sequence[int], nb_classes: int, seed: int | None = 
     :return: The model, in training mode, on the CPU.
     :raises ValueError: If the zoo has no architecture for this shape or ``nb_classes`` is below 2.
     """
-    import torch
-
+    # Validate before importing torch, so that bad arguments get the same error with or without it.
     if int(nb_classes) < 2:
         raise ValueError(f"`nb_classes` must be at least 2, got {nb_classes}.")
     _, builder = _lookup(input_shape)
+    import torch
+
     if seed is None:
         return builder(int(nb_classes))
     with torch.random.fork_rng(devices=[]):
