@@ -99,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--clone-min-steps",
         type=int,
-        default=240,
+        default=120,
         metavar="N",
-        help="fewest optimiser steps of a clone's training; small budgets get more epochs (default 240)",
+        help="fewest optimiser steps of a clone's training; small budgets get more epochs (default 120)",
     )
     bench.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     noise = bench.add_mutually_exclusive_group()

@@ -59,7 +59,7 @@ BENIGN_CLIENT = "benign"
 """Client id of the benign test queries: a fresh client under per-client scope."""
 
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"victim_epochs": 30, "clone_epochs": 20, "budgets": (500,), "quick_budget": 100},
+    "digits": {"victim_epochs": 30, "clone_epochs": 15, "budgets": (500,), "quick_budget": 100},
     "mnist5k": {"victim_epochs": 15, "clone_epochs": 20, "budgets": (250, 1000), "quick_budget": 250},
     "mnist": {"victim_epochs": 5, "clone_epochs": 10, "budgets": (1000, 5000), "quick_budget": 1000},
     "fashion_mnist": {"victim_epochs": 8, "clone_epochs": 10, "budgets": (1000, 5000), "quick_budget": 1000},
@@ -111,7 +111,7 @@ class BenchmarkConfig:
     pool_fraction: float = 0.3
     victim_epochs: int | None = None
     clone_epochs: int | None = None
-    clone_min_steps: int = 240
+    clone_min_steps: int = 120
     batch_size_fit: int = 32
     batch_size_query: int = 128
     cache_dir: str | None = DEFAULT_CACHE_DIR
