@@ -438,3 +438,27 @@ def test_sensitivity_map_and_tradeoff_plots(tmp_path):
     assert os.path.getsize(plot_tradeoff(summaries, str(tmp_path / "t.png"))) > 1000
     with pytest.raises(ValueError, match="No defence"):
         plot_tradeoff([{"defence": "A", "benign_accuracy_mean": None}], str(tmp_path / "none.png"))
+
+
+@pytest.mark.torch
+def test_every_registered_attack_accepts_what_the_grid_offers(digits_model):
+    """The grid offers nb_stolen, nb_epochs, batch sizes, seed and verbose; each attack must construct with them."""
+    import copy
+
+    from conftest import make_classifier
+
+    from art_queen.evaluation.registry import ATTACKS, accepted_arguments, import_target
+
+    victim = make_classifier(copy.deepcopy(digits_model))
+    offered = {
+        "nb_stolen": 20,
+        "nb_epochs": 1,
+        "batch_size_fit": 16,
+        "batch_size_query": 16,
+        "seed": 3,
+        "verbose": False,
+    }
+    for key, spec in ATTACKS.items():
+        attack_cls = import_target(spec.target)
+        attack = attack_cls(victim, **{**accepted_arguments(attack_cls, offered), **spec.params})
+        assert attack.nb_stolen == 20, key

@@ -246,8 +246,9 @@ def knockoff_nets_with_safe_rewards(classifier: Any, **kwargs: Any) -> Any:
     :param kwargs: ``KnockoffNets`` arguments.
     :return: The attack.
     """
+    from art.attacks.extraction import KnockoffNets
+
     if not _SAFE_KNOCKOFF:
-        from art.attacks.extraction import KnockoffNets
 
         class KnockoffNetsSafeRewards(KnockoffNets):  # pylint: disable=too-many-ancestors
             """``KnockoffNets`` with a zero-variance guard in the ``"all"`` reward."""
@@ -270,7 +271,8 @@ def knockoff_nets_with_safe_rewards(classifier: Any, **kwargs: Any) -> Any:
                 return float(np.mean(normalised))
 
         _SAFE_KNOCKOFF.append(KnockoffNetsSafeRewards)
-    return _SAFE_KNOCKOFF[0](classifier, **kwargs)
+    # The grid offers arguments (such as ``seed``) to any attack that takes ``**kwargs``; keep ART's own.
+    return _SAFE_KNOCKOFF[0](classifier, **accepted_arguments(KnockoffNets, kwargs))
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
