@@ -69,7 +69,6 @@ class InputAwarePostprocessor(Postprocessor, abc.ABC):
         :param preds: Model outputs for ``x`` (probabilities or logits), one row per query.
         :return: Defended probability rows, float32, same shape as ``preds``.
         """
-        raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------- ART interface
     def __call__(self, preds: np.ndarray, x: np.ndarray | None = None, client_id: Any = None) -> np.ndarray:
