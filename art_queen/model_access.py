@@ -64,12 +64,41 @@ def torch_to_probabilities(outputs: torch.Tensor) -> torch.Tensor:
     """
     import torch
 
-    if outputs.numel() and bool(
-        torch.all(outputs >= -1e-6) and torch.all((outputs.sum(dim=1) - 1.0).abs() <= PROBABILITY_TOLERANCE)
-    ):
+    if outputs_are_probabilities(outputs):
         clipped = outputs.clamp_min(0.0)
         return clipped / clipped.sum(dim=1, keepdim=True)
     return torch.softmax(outputs, dim=1)
+
+
+def outputs_are_probabilities(outputs: torch.Tensor) -> bool:
+    """
+    Tell whether a model's outputs are probability rows (the model ends in a softmax) rather than logits.
+
+    :param outputs: Model outputs of shape `(n, C)`.
+    :return: `True` for probability rows.
+    """
+    import torch
+
+    return bool(
+        outputs.numel()
+        and torch.all(outputs >= -1e-6)
+        and torch.all((outputs.sum(dim=-1) - 1.0).abs() <= PROBABILITY_TOLERANCE)
+    )
+
+
+def log_probabilities(outputs: torch.Tensor, are_probabilities: bool) -> torch.Tensor:
+    """
+    Log-probabilities of model outputs along the last axis.
+
+    :param outputs: Logits, or probability rows when ``are_probabilities``.
+    :param are_probabilities: Whether ``outputs`` already are probabilities.
+    :return: Log-probabilities, same shape as ``outputs``.
+    """
+    import torch
+
+    if are_probabilities:
+        return torch.log(outputs.clamp_min(1e-12))
+    return torch.log_softmax(outputs, dim=-1)
 
 
 def find_head(model: torch.nn.Module, head: str | torch.nn.Module | None = None) -> tuple[str, torch.nn.Module]:

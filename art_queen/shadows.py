@@ -15,7 +15,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from art_queen.model_access import reinitialised_copy, torch_to_probabilities
+from art_queen.model_access import (
+    log_probabilities,
+    outputs_are_probabilities,
+    reinitialised_copy,
+    torch_to_probabilities,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +28,8 @@ logger = logging.getLogger(__name__)
 def _loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     # Models may end in logits or in a softmax; train either with cross-entropy on log-probabilities.
     with torch.no_grad():
-        already_probabilities = bool(torch.all(outputs >= 0) and torch.all((outputs.sum(dim=1) - 1.0).abs() <= 1e-3))
-    if already_probabilities:
-        return nn.functional.nll_loss(torch.log(outputs.clamp_min(1e-12)), labels)
-    return nn.functional.cross_entropy(outputs, labels)
+        are_probabilities = outputs_are_probabilities(outputs)
+    return nn.functional.nll_loss(log_probabilities(outputs, are_probabilities), labels)
 
 
 def train_shadow_models(

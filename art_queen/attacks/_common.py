@@ -346,15 +346,11 @@ def _log_probabilities(outputs: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of model outputs: ``log_softmax`` of logits, or the clamped log of probability rows."""
     import torch
 
-    from art_queen.model_access import PROBABILITY_TOLERANCE
+    from art_queen.model_access import log_probabilities, outputs_are_probabilities
 
     with torch.no_grad():
-        probability_rows = bool(
-            torch.all(outputs >= -1e-6) and torch.all((outputs.sum(dim=1) - 1.0).abs() <= PROBABILITY_TOLERANCE)
-        )
-    if probability_rows:
-        return torch.log(outputs.clamp_min(1e-12))
-    return torch.log_softmax(outputs, dim=1)
+        are_probabilities = outputs_are_probabilities(outputs)
+    return log_probabilities(outputs, are_probabilities)
 
 
 def make_proxy_classifier(thieved_classifier: CLASSIFIER_TYPE, seed: int, learning_rate: float = 1e-3) -> Any:

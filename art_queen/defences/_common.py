@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -109,36 +109,3 @@ def check_labels(y: Any, nb_rows: int, nb_classes: int) -> np.ndarray:
     if array.size and (array.min() < 0 or array.max() >= nb_classes):
         raise ValueError(f"Label indices must lie in [0, {nb_classes - 1}].")
     return array
-
-
-def outputs_are_probabilities(outputs: torch.Tensor) -> bool:
-    """
-    Tell whether a model's outputs are probability rows (the model ends in a softmax) rather than logits.
-
-    :param outputs: Model outputs of shape `(n, C)`.
-    :return: `True` for probability rows.
-    """
-    import torch
-
-    from art_queen.model_access import PROBABILITY_TOLERANCE
-
-    return bool(
-        outputs.numel()
-        and torch.all(outputs >= -1e-6)
-        and torch.all((outputs.sum(dim=-1) - 1.0).abs() <= PROBABILITY_TOLERANCE)
-    )
-
-
-def log_probabilities(outputs: torch.Tensor, are_probabilities: bool) -> torch.Tensor:
-    """
-    Log-probabilities of model outputs along the last axis.
-
-    :param outputs: Logits, or probability rows when ``are_probabilities``.
-    :param are_probabilities: Whether ``outputs`` already are probabilities.
-    :return: Log-probabilities, same shape as ``outputs``.
-    """
-    import torch
-
-    if are_probabilities:
-        return torch.log(outputs.clamp_min(1e-12))
-    return torch.log_softmax(outputs, dim=-1)

@@ -22,11 +22,14 @@ from art_queen.defences._common import (
     check_inputs,
     check_labels,
     check_predictions,
-    log_probabilities,
-    outputs_are_probabilities,
 )
 from art_queen.input_channel import InputAwarePostprocessor
-from art_queen.model_access import reinitialised_copy, to_probabilities
+from art_queen.model_access import (
+    log_probabilities,
+    outputs_are_probabilities,
+    reinitialised_copy,
+    to_probabilities,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
